@@ -1,0 +1,26 @@
+# Two commands do everything on a fresh clone: `make demo` and `make test`.
+PY := .venv/bin/python
+
+.PHONY: setup demo test test-fast lint bench clean
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(PY) train.py
+
+test: setup
+	bash scripts/run_tests.sh
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" -q
+
+lint: setup
+	$(PY) -m ruff check src tests scripts train.py eval.py
+
+bench: setup
+	$(PY) -m pip install --quiet --no-deps mambapy==1.2.0
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf outputs .pytest_cache
