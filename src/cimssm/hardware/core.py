@@ -96,6 +96,21 @@ def attach_input_transform(model: nn.Module, module_name: str, transform: nn.Mod
         chain.transforms.append(transform)
 
 
+def _output_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return module.hw_output(output)
+
+
+def attach_output_transform(model: nn.Module, module_name: str, transform: nn.Module) -> None:
+    """Transform the output of ``module_name`` after its forward (e.g. ADC quantization)."""
+    module = model.get_submodule(module_name)
+    chain = getattr(module, "hw_output", None)
+    if chain is None:
+        module.hw_output = TransformChain([transform])
+        module._hw_output_hook = module.register_forward_hook(_output_hook)
+    else:
+        chain.transforms.append(transform)
+
+
 def iter_transforms(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     """Every attached transform with a name saying where it sits."""
     for name, module in model.named_modules():
@@ -132,12 +147,13 @@ def detach_transforms(model: nn.Module, predicate: Callable[[nn.Module], bool]) 
             keep = [t for t in module.transforms if not predicate(t)]
             removed += len(module.transforms) - len(keep)
             module.transforms = nn.ModuleList(keep)
-            if not keep and _split(name)[1] != "hw_input":
+            if not keep and _split(name)[1] not in ("hw_input", "hw_output"):
                 model.set_submodule(name, nn.Identity())
     for module in list(model.modules()):
-        chain = module.__dict__.get("_modules", {}).get("hw_input")
-        if isinstance(chain, TransformChain) and len(chain.transforms) == 0:
-            module._hw_input_hook.remove()
-            del module.hw_input
-            del module._hw_input_hook
+        for attr in ("hw_input", "hw_output"):
+            chain = module._modules.get(attr)
+            if isinstance(chain, TransformChain) and len(chain.transforms) == 0:
+                getattr(module, f"_{attr}_hook").remove()
+                delattr(module, attr)
+                delattr(module, f"_{attr}_hook")
     return removed

@@ -1,0 +1,246 @@
+"""Build a run from a validated config and train it: the body of train.py.
+
+Everything is created with ``hydra.utils.instantiate`` from the config's ``_target_`` entries, so
+a new model or data set is a new file in conf/ and src/, never an ``if`` chain here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from cimssm.config.validate import ConfigError, validate_config
+from cimssm.lit_module import LitSequenceModel
+
+log = logging.getLogger("cimssm")
+
+
+# ------------------------------------------------------------------------------ places and seeds
+def run_dir_of(cfg: DictConfig) -> Path:
+    """The run's output directory: ``output_dir`` if set, else Hydra's runtime output dir."""
+    if cfg.get("output_dir"):
+        return Path(cfg.output_dir)
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    raise ConfigError("output_dir is not set and no Hydra run is active: set output_dir=<dir>")
+
+
+def configure_torch(cfg: DictConfig) -> None:
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+
+# ------------------------------------------------------------------------------------- builders
+def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+    try:
+        return hydra.utils.instantiate(cfg.data)
+    except Exception as err:  # DataModules raise one-line errors naming the argument
+        raise ConfigError(f"data ({cfg.data.name}): {_root_message(err)}") from err
+
+
+def build_net(cfg: DictConfig, datamodule: pl.LightningDataModule) -> torch.nn.Module:
+    kwargs = datamodule.model_kwargs() if cfg.model.name != "mamba_hf" else {}
+    try:
+        return hydra.utils.instantiate(cfg.model, **kwargs)
+    except Exception as err:
+        raise ConfigError(f"model ({cfg.model.name}): {_root_message(err)}") from err
+
+
+def _root_message(err: BaseException) -> str:
+    # Hydra wraps constructor errors in InstantiationException; report the original one-liner.
+    while err.__cause__ is not None and type(err).__name__ == "InstantiationException":
+        err = err.__cause__
+    return str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+
+
+def build_lit_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> LitSequenceModel:
+    """The backbone with its training-time hardware attached, wrapped for Lightning."""
+    from cimssm.hardware.setup import attach_training_hardware
+
+    net = build_net(cfg, datamodule)
+    attach_training_hardware(net, cfg)
+    kwargs = datamodule.model_kwargs()
+    n_classes = kwargs.get("n_classes") or kwargs.get("vocab_size")
+    return LitSequenceModel(
+        net=net,
+        task=kwargs["task"],
+        n_classes=int(n_classes),
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        cfg=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def wandb_offline() -> bool:
+    """WANDB_MODE decides when set; else online with credentials (API key or netrc), offline without."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode in ("offline", "dryrun", "disabled")
+    if os.environ.get("WANDB_API_KEY"):
+        return False
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" not in netrc.read_text()
+    except OSError:
+        return True
+
+
+def run_name(cfg: DictConfig) -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        name = HydraConfig.get().job.override_dirname
+        if name:
+            return name
+    return f"{cfg.model.name}-{cfg.data.name}-{cfg.quant.name}-{cfg.noise.name}-seed{cfg.seed}"
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        kwargs: dict[str, Any] = {"save_dir": str(run_dir)}
+        if node._target_.endswith("WandbLogger"):
+            os.environ.setdefault("WANDB_SILENT", "true")
+            kwargs["offline"] = wandb_offline() if node.get("offline") is None else node.offline
+            kwargs["name"] = node.get("name") or run_name(cfg)
+            kwargs["config"] = OmegaConf.to_container(cfg, resolve=True)
+        try:
+            loggers.append(hydra.utils.instantiate(node, **kwargs))
+        except Exception as err:
+            raise ConfigError(f"logger.{name}: {_root_message(err)}") from err
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
+    callbacks = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        kwargs = {}
+        if node._target_.endswith("ModelCheckpoint") and not node.get("dirpath"):
+            kwargs["dirpath"] = str(run_dir / "checkpoints")
+        try:
+            callbacks.append(hydra.utils.instantiate(node, **kwargs))
+        except Exception as err:
+            raise ConfigError(f"callbacks.{name}: {_root_message(err)}") from err
+    return callbacks
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logger], run_dir: Path) -> pl.Trainer:
+    opt = cfg.optimizer
+    try:
+        return hydra.utils.instantiate(
+            cfg.trainer,
+            callbacks=callbacks,
+            logger=loggers or False,
+            default_root_dir=str(run_dir),
+            gradient_clip_val=opt.gradient_clip_val,
+        )
+    except Exception as err:
+        raise ConfigError(f"trainer: {_root_message(err)}") from err
+
+
+# --------------------------------------------------------------------------------------- resume
+def find_resumable_run(cfg: DictConfig, runs_root: Path = Path("outputs/runs")) -> Path:
+    """The newest run of ``experiment_name`` that has a last.ckpt and did not finish."""
+    base = runs_root / cfg.experiment_name
+    candidates = [
+        d
+        for d in base.glob("*")
+        if (d / "checkpoints" / "last.ckpt").is_file() and not (d / "DONE").exists()
+    ]
+    if not candidates:
+        raise ConfigError(
+            f"ckpt_path=last: no interrupted run of experiment_name={cfg.experiment_name!r} under {base}"
+        )
+    return max(candidates, key=lambda d: (d / "checkpoints" / "last.ckpt").stat().st_mtime)
+
+
+def resolve_checkpoint(cfg: DictConfig) -> tuple[str | None, Path | None]:
+    """(checkpoint path, run dir to continue in) for ``cfg.ckpt_path``."""
+    if not cfg.ckpt_path:
+        return None, None
+    if cfg.ckpt_path == "last":
+        run = find_resumable_run(cfg)
+        return str(run / "checkpoints" / "last.ckpt"), run
+    path = Path(cfg.ckpt_path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such file; give a .ckpt path or `last`")
+    return str(path), None
+
+
+# ---------------------------------------------------------------------------------------- train
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Validate, build, fit, test and evaluate one run; returns its final metrics."""
+    from cimssm.utils.run_files import print_config_tree, write_run_files
+
+    validate_config(cfg)
+    ckpt_path, resume_dir = resolve_checkpoint(cfg)
+    run_dir = resume_dir or run_dir_of(cfg)
+    if resume_dir is not None:
+        log.info("resuming %s in its own run directory %s", ckpt_path, resume_dir)
+        with open_dict(cfg):
+            cfg.output_dir = str(resume_dir)
+    configure_torch(cfg)
+    datamodule = build_datamodule(cfg)
+    lit = build_lit_module(cfg, datamodule)
+    if cfg.get("compile"):
+        lit.net = torch.compile(lit.net)
+    callbacks = build_callbacks(cfg, run_dir) + hardware_callbacks(cfg, run_dir)
+    loggers = build_loggers(cfg, run_dir)
+    trainer = build_trainer(cfg, callbacks, loggers, run_dir)
+    if trainer.is_global_zero:
+        print_config_tree(cfg)
+        write_run_files(cfg, run_dir)
+    trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    fast = bool(cfg.trainer.get("fast_dev_run"))
+    if cfg.get("test_after_fit", True):
+        best = _best_checkpoint(trainer)
+        results = trainer.test(lit, datamodule=datamodule, ckpt_path=best if not fast else None, verbose=False)
+        if results:
+            metrics.update({k: float(v) for k, v in results[0].items()})
+    if trainer.is_global_zero:
+        (run_dir / "metrics_final.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        (run_dir / "DONE").write_text("finished\n")
+    return metrics
+
+
+def _best_checkpoint(trainer: pl.Trainer) -> str | None:
+    cb = trainer.checkpoint_callback
+    if isinstance(cb, ModelCheckpoint) and cb.best_model_path and Path(cb.best_model_path).is_file():
+        return cb.best_model_path
+    return None
+
+
+def hardware_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
+    """Callbacks that the quant/noise/decomp/prune groups switch on (after-fit evaluations)."""
+    from cimssm.callbacks import after_fit_callbacks
+
+    return after_fit_callbacks(cfg, run_dir)
+
+
+def finish_loggers() -> None:
+    """Close a W&B run if one is open (also after a failure)."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+__all__ = ["train", "build_lit_module", "build_datamodule", "build_net", "WandbLogger", "finish_loggers"]
