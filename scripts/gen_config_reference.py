@@ -28,7 +28,7 @@ def render() -> str:
                     continue
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 out.append(
-                    f"| `{group}.{f.name}` | {f.type} | `{default}` | {limits(dict(f.metadata))} | "
+                    f"| `{group}.{f.name}` | {str(f.type).replace(' | ', ' or ')} | `{default}` | {limits(dict(f.metadata))} | "
                     f"{f.metadata.get('doc', '')} |"
                 )
             out.append("")
