@@ -84,6 +84,7 @@ class SMNISTDataConfig:
     name: str = "smnist"
     data_dir: str = rng("/usr/share/datasets/fashion-mnist", doc="folder with the idx .gz files")
     permuted: bool = rng(False, doc="fixed seeded pixel permutation")
+    permutation_seed: int = rng(0, doc="seed of the pixel permutation (fixed across training seeds)")
     downsample: int = rng(1, doc="1: 28x28 = 784 steps; 2: 14x14 = 196 steps", choices=[1, 2])
     val_size: int = rng(5000, ge=0)
     limit_train: int | None = rng(None, gt=0)
