@@ -15,7 +15,7 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -44,9 +44,14 @@ def configure_torch(cfg: DictConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------- builders
+def _without_name(node: DictConfig) -> DictConfig:
+    """A group node minus its ``name`` key (a label for humans and sweeps, not an argument)."""
+    return OmegaConf.create({k: node[k] for k in node if k != "name"})
+
+
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
     try:
-        return hydra.utils.instantiate(cfg.data)
+        return hydra.utils.instantiate(_without_name(cfg.data))
     except Exception as err:  # DataModules raise one-line errors naming the argument
         raise ConfigError(f"data ({cfg.data.name}): {_root_message(err)}") from err
 
@@ -54,7 +59,7 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
 def build_net(cfg: DictConfig, datamodule: pl.LightningDataModule) -> torch.nn.Module:
     kwargs = datamodule.model_kwargs() if cfg.model.name != "mamba_hf" else {}
     try:
-        return hydra.utils.instantiate(cfg.model, **kwargs)
+        return hydra.utils.instantiate(_without_name(cfg.model), **kwargs)
     except Exception as err:
         raise ConfigError(f"model ({cfg.model.name}): {_root_message(err)}") from err
 
@@ -208,23 +213,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         write_run_files(cfg, run_dir)
     trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    fast = bool(cfg.trainer.get("fast_dev_run"))
     if cfg.get("test_after_fit", True):
-        best = _best_checkpoint(trainer)
-        results = trainer.test(lit, datamodule=datamodule, ckpt_path=best if not fast else None, verbose=False)
+        # The after-fit callbacks already loaded the best weights (and applied PTQ): test those.
+        results = trainer.test(lit, datamodule=datamodule, verbose=False)
         if results:
             metrics.update({k: float(v) for k, v in results[0].items()})
     if trainer.is_global_zero:
         (run_dir / "metrics_final.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         (run_dir / "DONE").write_text("finished\n")
     return metrics
-
-
-def _best_checkpoint(trainer: pl.Trainer) -> str | None:
-    cb = trainer.checkpoint_callback
-    if isinstance(cb, ModelCheckpoint) and cb.best_model_path and Path(cb.best_model_path).is_file():
-        return cb.best_model_path
-    return None
 
 
 def hardware_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
@@ -244,3 +241,71 @@ def finish_loggers() -> None:
 
 
 __all__ = ["train", "build_lit_module", "build_datamodule", "build_net", "WandbLogger", "finish_loggers"]
+
+
+# ----------------------------------------------------------------------------------------- eval
+def rebuild_from_checkpoint(ckpt_path: str, data_overrides: dict | None = None):
+    """(stored cfg, datamodule, lit module with the checkpoint's weights) for a checkpoint."""
+    from cimssm.checkpoints import load_checkpoint, load_weights, stored_config
+
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = stored_config(ckpt)
+    if data_overrides:
+        with open_dict(cfg):
+            cfg.data = OmegaConf.merge(cfg.data, data_overrides)
+        validate_config(cfg)
+    datamodule = build_datamodule(cfg)
+    dm_state = ckpt.get(type(datamodule).__qualname__)
+    if dm_state:
+        datamodule.load_state_dict(dm_state)
+    lit = build_lit_module(cfg, datamodule)
+    load_weights(lit, ckpt["state_dict"], ckpt_path)
+    return cfg, datamodule, lit
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """eval.py: rebuild a run from its checkpoint, evaluate it clean and under noise."""
+    from cimssm.evaluation import evaluate_model, noise_evaluation
+    from cimssm.hardware.setup import analog_config, calibrate_ptq, check_noise, noise_profile
+
+    if cfg.get("ckpt_path") in (None, "", "???"):
+        raise ConfigError("ckpt_path is required: python eval.py ckpt_path=path/to/last.ckpt")
+    data_over = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else None
+    train_cfg, datamodule, lit = rebuild_from_checkpoint(str(cfg.ckpt_path), data_over)
+    seed = int(cfg.seed if cfg.get("seed") is not None else train_cfg.seed)
+    pl.seed_everything(seed, verbose=False)
+    out_dir = run_dir_of(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    net, task = lit.net, lit.task
+    with open_dict(train_cfg):
+        train_cfg.noise = cfg.noise
+        if cfg.get("analog") is not None:
+            train_cfg.analog = cfg.analog
+    validate_config(train_cfg)
+    if train_cfg.noise.kind != "none":
+        check_noise(net, train_cfg)
+    split = cfg.get("split", "test")
+    if split not in ("test", "val"):
+        raise ConfigError(f"split={split!r} is not allowed: choose test or val")
+    datamodule.setup("test" if split == "test" else "validate")
+    loader_fn = datamodule.test_dataloader if split == "test" else datamodule.val_dataloader
+    if train_cfg.quant.mode == "ptq":
+        datamodule.setup("validate")
+        calibrate_ptq(net, train_cfg.quant, datamodule.val_dataloader())
+    limit = cfg.get("limit_batches")
+    clean = evaluate_model(net, loader_fn(), task, limit)
+    metrics = {f"{split}/{k}": v for k, v in clean.items()}
+    log.info("clean %s metrics: %s", split, metrics)
+    if train_cfg.noise.kind != "none":
+        _, summary = noise_evaluation(
+            net, loader_fn, task, noise_profile(train_cfg.noise), analog_config(train_cfg.analog), seed, out_dir,
+            max_batches=limit,
+        )
+        metric = "ppl" if task == "lm" else "acc"
+        for r in summary:
+            metrics[f"noise/{metric}@{r['level']:g}_t{r['t_inference']:g}"] = r[f"{metric}_mean"]
+    from cimssm.utils.run_files import write_run_files
+
+    write_run_files(cfg, out_dir)
+    (out_dir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics

@@ -157,7 +157,11 @@ class QuantConfig:
     ssm_bits: int | None = rng(None, doc="bits of SSM parts (A, C, dt, kernel, ...)", ge=1, le=16)
     symmetric: bool = True
     granularity: str = rng("tensor", choices=["tensor", "channel"])
-    scale: str = rng("max", doc="max|x| every forward, running max, or learned clip", choices=["max", "running", "learned"])
+    scale: str | None = rng(
+        None,
+        doc="max|x| every forward, running max, or learned clip (null: max for qat, running for ptq)",
+        choices=["max", "running", "learned", None],
+    )
     calib_batches: int = rng(8, doc="PTQ calibration batches", gt=0)
     parts: dict = rng({}, doc="per-part overrides: NAME: {bits, symmetric, granularity, scale}")
 

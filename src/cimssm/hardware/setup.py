@@ -1,10 +1,96 @@
-"""Apply the quant / noise / decomp sections of a run config to a model (no Lightning here)."""
+"""Turn the quant / noise / analog sections of a run config into hardware on a model.
+
+The one place that reads run-config sections for the hardware library, so train.py, eval.py
+and the callbacks apply them identically. No Lightning here.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from cimssm.config.validate import ConfigError
 
-def attach_training_hardware(net: nn.Module, cfg) -> list[str]:
-    """Attach what must be present during training: QAT quantizers and training noise."""
-    return []
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def quant_spec(quant: Mapping | DictConfig) -> dict[str, Any]:
+    """The quant section as the spec of :mod:`cimssm.hardware.quantize` (unset parts dropped)."""
+    q = dict(_plain(quant))
+    q.pop("name", None)
+    parts = {}
+    for part, settings in (q.get("parts") or {}).items():
+        settings = {k: v for k, v in (settings or {}).items() if v is not None}
+        if settings:
+            parts[part] = settings
+    q["parts"] = parts
+    return q
+
+
+def quant_enabled(quant: Mapping | DictConfig) -> bool:
+    q = quant_spec(quant)
+    return any(q.get(k) is not None for k in ("weight_bits", "act_bits", "ssm_bits")) or any(
+        "bits" in p or "levels" in p for p in q["parts"].values()
+    )
+
+
+def noise_profile(noise: Mapping | DictConfig) -> dict[str, Any]:
+    return dict(_plain(noise))
+
+
+def analog_config(analog: Mapping | DictConfig | None) -> dict[str, Any]:
+    return dict(_plain(analog)) if analog is not None else {}
+
+
+def _as_config_error(err: Exception) -> ConfigError:
+    return ConfigError(" ".join(str(err).split()))
+
+
+def attach_quantizers(net: nn.Module, quant: Mapping | DictConfig) -> list[str]:
+    """Attach the quantizers of ``quant`` (both modes; PTQ then needs :func:`calibrate_ptq`)."""
+    from cimssm.hardware.quantize import QuantConfigError, apply_quantization
+
+    if not quant_enabled(quant):
+        return []
+    try:
+        return apply_quantization(net, quant_spec(quant))
+    except (QuantConfigError, KeyError) as err:
+        raise _as_config_error(err) from err
+
+
+def attach_training_hardware(net: nn.Module, cfg: DictConfig) -> list[str]:
+    """What must be on the model while it trains (and in any model rebuilt from its config):
+    QAT quantizers. Training noise is attached per step by TrainingNoiseCallback.
+    """
+    attached: list[str] = []
+    if cfg.quant.mode == "qat":
+        attached += attach_quantizers(net, cfg.quant)
+    if cfg.noise.kind != "none" or cfg.noise.train:
+        check_noise(net, cfg)
+    return attached
+
+
+def check_noise(net: nn.Module, cfg: DictConfig) -> None:
+    """Validate the noise profile and its targets on this model now, not after training."""
+    from cimssm.hardware.analog import NoiseConfigError, analog_targets, build_noise_profile
+
+    try:
+        profile = build_noise_profile(noise_profile(cfg.noise))
+        analog_targets(net, analog_config(cfg.analog), narrow=profile.get("targets"))
+    except NoiseConfigError as err:
+        raise _as_config_error(err) from err
+
+
+def calibrate_ptq(net: nn.Module, quant: Mapping | DictConfig, batches: Iterable) -> int:
+    """PTQ after training: attach the quantizers, calibrate on a few batches, freeze."""
+    from cimssm.hardware.quantize import calibrate
+
+    if not quant_enabled(quant):
+        return 0
+    attach_quantizers(net, quant)
+    return calibrate(net, batches, num_batches=int(quant_spec(quant).get("calib_batches", 8)))
