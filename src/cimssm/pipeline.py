@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ from cimssm.config.validate import ConfigError, validate_config
 from cimssm.lit_module import LitSequenceModel
 
 log = logging.getLogger("cimssm")
+# The run directory already holds the resolved config when the CSV logger starts; it only ever
+# removes its own metrics.csv, which build_loggers never lets it find.
+warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
 
 
 # ------------------------------------------------------------------------------ places and seeds
@@ -118,6 +123,12 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
         if node is None or "_target_" not in node:
             continue
         kwargs: dict[str, Any] = {"save_dir": str(run_dir)}
+        if node._target_.endswith("CSVLogger") and (run_dir / "metrics.csv").exists():
+            # A resumed run appends: its metrics go to resume<N>/metrics.csv, never over the first.
+            n = 1
+            while (run_dir / f"resume{n}").exists():
+                n += 1
+            kwargs["version"] = f"resume{n}"
         if node._target_.endswith("WandbLogger"):
             os.environ.setdefault("WANDB_SILENT", "true")
             kwargs["offline"] = wandb_offline() if node.get("offline") is None else node.offline
