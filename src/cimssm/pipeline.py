@@ -315,6 +315,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         metric = "ppl" if task == "lm" else "acc"
         for r in summary:
             metrics[f"noise/{metric}@{r['level']:g}_t{r['t_inference']:g}"] = r[f"{metric}_mean"]
+    if cfg.get("cost", True):
+        from cimssm.callbacks.cost_report import flat_totals, write_cost_report
+
+        metrics.update(flat_totals(write_cost_report(net, analog_config(train_cfg.analog), out_dir)))
     from cimssm.utils.run_files import write_run_files
 
     write_run_files(cfg, out_dir)

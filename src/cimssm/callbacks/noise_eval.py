@@ -48,7 +48,7 @@ def log_noise_summary(trainer: pl.Trainer, summary: list[dict[str, Any]], metric
 
 
 class NoiseEvalCallback(Callback):
-    """Run after fit: K chips per noise level on the test split, with the best checkpoint.
+    """Run after fit: K chips per noise level on the test split, with the best weights.
 
     Writes noise_eval.csv (one row per level x t_inference x chip), noise_eval_summary.csv and
     noise_eval.png in ``out_dir``, and logs mean/std per level to every logger.
@@ -73,8 +73,8 @@ class NoiseEvalCallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.fast_dev_run or not trainer.is_global_zero:
             return
-        best = load_best_weights(trainer, pl_module)
-        log.info("noise evaluation of %s with profile %s", best or "the final weights", self.profile.get("name"))
+        # PostTrainingCallback, earlier in the list, has loaded the best weights (and applied PTQ).
+        log.info("noise evaluation with profile %s", self.profile.get("name"))
         dm = trainer.datamodule
         dm.setup("test")
         self.rows, self.summary = noise_evaluation(

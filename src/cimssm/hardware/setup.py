@@ -32,6 +32,11 @@ def quant_spec(quant: Mapping | DictConfig) -> dict[str, Any]:
     return q
 
 
+# Parts that no shorthand reaches: quantizing the Mamba scan state moves the scan onto its slow
+# per-step path, so it happens only when quant.parts.scan_state.bits is set explicitly.
+OPT_IN_PARTS = ("scan_state",)
+
+
 def quant_enabled(quant: Mapping | DictConfig) -> bool:
     q = quant_spec(quant)
     return any(q.get(k) is not None for k in ("weight_bits", "act_bits", "ssm_bits")) or any(
@@ -57,8 +62,13 @@ def attach_quantizers(net: nn.Module, quant: Mapping | DictConfig) -> list[str]:
 
     if not quant_enabled(quant):
         return []
+    spec = quant_spec(quant)
+    model_parts = getattr(net, "hardware_parts", {})
+    for part in OPT_IN_PARTS:
+        if part in model_parts and "bits" not in spec["parts"].get(part, {}):
+            spec["parts"][part] = {**spec["parts"].get(part, {}), "bits": None}
     try:
-        return apply_quantization(net, quant_spec(quant))
+        return apply_quantization(net, spec)
     except (QuantConfigError, KeyError) as err:
         raise _as_config_error(err) from err
 
