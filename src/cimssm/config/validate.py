@@ -84,7 +84,7 @@ def _check_limits(key: str, value: Any, meta: dict) -> None:
         "le": (lambda v, b: v <= b, "<="),
     }
     bounds = [(op, meta[name]) for name, op in checks.items() if name in meta]
-    for (ok, sym), bound in bounds:
+    for (ok, _sym), bound in bounds:
         if not ok(value, bound):
             allowed = " and ".join(f"{s} {b}" for (_, s), b in bounds)
             raise ConfigError(f"{key}={_fmt(value)} is not allowed: must be {allowed}")
