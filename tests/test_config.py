@@ -32,7 +32,9 @@ def test_models_instantiate(option):
     if option == "mamba_hf":
         pytest.skip("needs a checkpoint directory; covered by test_hf_import")
     cfg = compose_cfg([f"model={option}"])
-    net = hydra.utils.instantiate(cfg.model, task="lm", vocab_size=11, d_input=None, n_classes=None)
+    from cimssm.pipeline import _without_name
+
+    net = hydra.utils.instantiate(_without_name(cfg.model), task="lm", vocab_size=11, d_input=None, n_classes=None)
     assert sum(p.numel() for p in net.parameters()) > 0
 
 
