@@ -86,3 +86,15 @@ def test_compose_defaults_are_the_demo_job():
     cfg = compose_cfg([])
     assert cfg.model.name == "s4d" and cfg.data.name == "shakespeare_char"
     assert cfg.quant.name == "fp32" and cfg.noise.name == "none" and cfg.decomp.name == "none"
+
+
+@pytest.mark.parametrize("logger", ["tensorboard", "wandb", "[csv,wandb]"])
+def test_loggers(tiny_cfg, tmp_path, logger):
+    cfg = tiny_cfg("s4d_tiny", "selective_copy", [f"logger={logger}", "trainer.max_steps=2", "trainer.val_check_interval=1"])
+    train(cfg)
+    run = tmp_path / "run"
+    if "wandb" in logger:
+        runs = list((run / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, list(run.rglob("*"))[:20]
+    else:
+        assert list((run / "tensorboard").rglob("events.out.tfevents*"))
