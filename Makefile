@@ -18,9 +18,10 @@ test-fast: setup
 lint: setup
 	$(PY) -m ruff check src tests scripts train.py eval.py
 
+# Speed table vs plain references (docs/benchmarks.md); `make bench BENCH_ARGS="--quick --rows 1,3"`.
 bench: setup
 	$(PY) -m pip install --quiet --no-deps mambapy==1.2.0
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

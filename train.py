@@ -7,15 +7,14 @@
 import hydra
 from omegaconf import DictConfig
 
-from cimssm.cli import install_error_reporting, run_task
+from cimssm.cli import install_error_reporting, objective_value, run_task
 from cimssm.pipeline import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     metrics = run_task(lambda: train(cfg))
-    key = cfg.get("optimized_metric")
-    return metrics.get(key) if key and metrics else None
+    return objective_value(metrics, cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":

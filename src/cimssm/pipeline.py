@@ -34,7 +34,10 @@ warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
 def run_dir_of(cfg: DictConfig) -> Path:
     """The run's output directory: ``output_dir`` if set, else Hydra's runtime output dir."""
     if cfg.get("output_dir"):
-        return Path(cfg.output_dir)
+        out = Path(cfg.output_dir).expanduser()
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output_dir={cfg.output_dir} is not a directory; expected a directory for the run's files")
+        return out
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
@@ -105,6 +108,8 @@ def build_lit_module(cfg: DictConfig, datamodule: pl.LightningDataModule, truste
     attach_training_hardware(net, cfg)
     kwargs = datamodule.model_kwargs()
     n_classes = kwargs.get("n_classes") or kwargs.get("vocab_size")
+    if cfg.model.name == "mamba_hf":
+        n_classes = _hf_classes(cfg, net, kwargs, n_classes)
     return LitSequenceModel(
         net=net,
         task=kwargs["task"],
@@ -112,6 +117,22 @@ def build_lit_module(cfg: DictConfig, datamodule: pl.LightningDataModule, truste
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         cfg=OmegaConf.to_container(cfg, resolve=True),
     )
+
+
+def _hf_classes(cfg: DictConfig, net: torch.nn.Module, kwargs: dict, n_data: int) -> int:
+    """An imported HF LM keeps its own vocabulary (logits over ``net.n_out`` tokens): the data's
+    token ids must fit in it, and the task must be language modelling."""
+    if kwargs.get("task") != "lm" or kwargs.get("vocab_size") is None:
+        raise ConfigError(
+            f"model=mamba_hf is a causal LM: data={cfg.data.name} is a {kwargs.get('task')} task; "
+            "use a language-modelling data set (e.g. data=shakespeare_char)"
+        )
+    if n_data > net.n_out:
+        raise ConfigError(
+            f"model.path={cfg.model.path}: the checkpoint's vocabulary ({net.n_out} tokens) is smaller "
+            f"than data={cfg.data.name}'s ({n_data}); the data's token ids must fit in it"
+        )
+    return int(net.n_out)
 
 
 def wandb_offline() -> bool:
@@ -283,6 +304,13 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     callbacks = build_callbacks(cfg, run_dir) + training_callbacks(cfg) + hardware_callbacks(cfg, run_dir)
     loggers = build_loggers(cfg, run_dir)
     trainer = build_trainer(cfg, callbacks, loggers, run_dir)
+    spawned = spawns_processes(trainer)
+    if spawned and cfg.get("test_after_fit", True):
+        from cimssm.callbacks.worker_test import TestInWorkerCallback
+
+        # Last, after every after-fit callback: the worker tests the model as it is deployed.
+        limit = cfg.trainer.get("limit_test_batches")
+        trainer.callbacks.append(TestInWorkerCallback(limit if isinstance(limit, int) else None))
     if trainer.is_global_zero:
         print_config_tree(cfg)
         write_run_files(cfg, run_dir)
@@ -292,7 +320,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.get("test_after_fit", True):
         # The after-fit callbacks already loaded the best weights (and applied PTQ): test those.
-        results = trainer.test(lit, datamodule=datamodule, verbose=False)
+        # Under ddp_spawn the rank-0 worker has tested that model already (TestInWorkerCallback).
+        results = [] if spawned else trainer.test(lit, datamodule=datamodule, verbose=False)
         if results:
             metrics.update({k: float(v) for k, v in results[0].items()})
     metrics.update(noise_metrics(callbacks))
@@ -312,6 +341,13 @@ def noise_metrics(callbacks: list[Callback]) -> dict[str, float]:
         if isinstance(cb, NoiseEvalCallback) and cb.summary:
             out.update(summary_metrics(cb.summary, cb.metric))
     return out
+
+
+def spawns_processes(trainer: pl.Trainer) -> bool:
+    """Does ``trainer.fit`` run in spawned worker processes (ddp_spawn)?"""
+    from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+
+    return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
 
 
 def check_resume(ckpt_path: str, lit: LitSequenceModel, cfg: DictConfig) -> None:

@@ -189,21 +189,51 @@ class NoiseConfig:
 @dataclass
 class DecompConfig:
     name: str = "none"
-    method: str = rng("none", choices=["none", "hpd"])
-    target: str = rng("last_out_proj", doc="lm_head | last_out_proj | all_out_proj | a name glob")
-    rank: int | None = rng(None, doc="kept singular values (None: full rank)", gt=0)
-    analog_factor: str = rng("usigma", doc="usigma: U·Σ analog, Vᵀ digital; vt: swapped", choices=["usigma", "vt"])
-    noise_reference: str = rng("factor", doc="noise scale from max|UΣ| (factor) or max|W| (original)", choices=["factor", "original"])
-    digital_bits: int | None = rng(None, doc="bits of the digital factor", ge=1, le=16)
+    method: str = rng("none", doc="hpd: W = UΣVᵀ as an analog and a digital factor, after training", choices=["none", "hpd"])
+    target: str = rng("last_out_proj", doc="lm_head, last_out_proj, all_out_proj, or a glob over linear layer names")
+    rank: int | None = rng(None, doc="kept singular values (None: full rank; at most min(out, in))", gt=0)
+    analog_factor: str = rng("usigma", doc="usigma: U·Σ analog, Vᵀ digital (HPD); vt: swapped (ablation)", choices=["usigma", "vt"])
+    noise_reference: str = rng("factor", doc="noise relative to the largest weight of the analog factor (factor) or of the original matrix W (original)", choices=["factor", "original"])
+    digital_bits: int | None = rng(None, doc="bits of the digital factor (None: float)", ge=2, le=16)
+
+
+@dataclass
+class SensitivityAnalysisConfig:
+    name: str = "sensitivity"
+    levels: list | None = rng(None, doc="noise levels injected into each unit (None: noise.eval_levels)")
+    chips: int | None = rng(None, doc="Monte-Carlo chips per unit and level (None: noise.chips)", gt=0)
+    max_batches: int | None = rng(8, doc="evaluation batches per chip (None: the whole split)", gt=0)
+    split: str = rng("test", doc="data split evaluated", choices=["test", "val"])
+    blocks: bool = rng(True, doc="one unit per block (all its analog tensors)")
+    components: bool = rng(True, doc="one unit per component of each block (in_proj, conv1d, ...)")
+    outside: bool = rng(True, doc="one unit per part outside the blocks (LM head, encoder, decoder)")
+    plot: bool = rng(True, doc="write the heatmap sensitivity.png (blocks x components)")
 
 
 @dataclass
 class PruneConfig:
     name: str = "none"
-    method: str = rng("none", choices=["none", "state_dim"])
+    method: str = rng("none", doc="state_dim: S4D modes / Mamba d_state per layer", choices=["none", "state_dim"])
     tolerance: float = rng(0.01, doc="allowed absolute metric drop", ge=0.0)
     step_fraction: float = rng(0.125, doc="fraction of states removed per step", gt=0.0, le=1.0)
-    finetune_steps: int = rng(0, ge=0)
+    finetune_steps: int = rng(0, doc="training steps after each pruning step (0: none)", ge=0)
+    finetune_lr: float | None = rng(None, doc="fine-tuning lr (None: optimizer.lr x min_lr_ratio)", gt=0.0)
+    metric: str = rng("acc", doc="metric held within the tolerance", choices=["acc", "loss", "ppl", "bpc"])
+    split: str = rng("val", doc="split the pruning decisions are made on", choices=["val", "test"])
+    eval_batches: int | None = rng(None, doc="batches per evaluation (None: the whole split)", gt=0)
+    full_curve: bool = rng(True, doc="after the first step outside the tolerance, draw the rest of the curve")
+    save: bool = rng(True, doc="write checkpoints/pruned.ckpt with the pruning record")
+
+
+@dataclass
+class NumericsConfig:
+    on_nan: str = rng(
+        "stop",
+        doc="a NaN/Inf training loss or gradient: stop (message names the step and last good checkpoint) or skip the batch",
+        choices=["stop", "skip"],
+    )
+    max_consecutive_skips: int = rng(20, doc="with skip: stop after this many non-finite steps in a row", ge=1)
+    check_grads: bool = rng(True, doc="also check gradients (the loss is always checked)")
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -220,6 +250,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "noise": {"": NoiseConfig},
     "decomp": {"": DecompConfig},
     "prune": {"": PruneConfig},
+    "numerics": {"": NumericsConfig},
+    "analysis": {"sensitivity": SensitivityAnalysisConfig},
 }
 
 

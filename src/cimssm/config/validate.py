@@ -30,6 +30,7 @@ TOP_LEVEL = {
     "tags": (list, ListConfig),
     "test_after_fit": bool,
     "output_dir": (str, type(None)),
+    "optimized_metric": (str, type(None)),
 }
 
 
@@ -119,8 +120,12 @@ def _check_numbers(key: str, values: Any, *, ge: float = 0.0) -> None:
 def validate_config(cfg: DictConfig) -> DictConfig:
     """Raise ConfigError on the first problem; returns ``cfg`` unchanged otherwise."""
     for key, types in TOP_LEVEL.items():
-        if key in cfg and not isinstance(cfg[key], types if isinstance(types, tuple) else (types,)):
-            raise ConfigError(f"{key}={_fmt(cfg[key])} has the wrong type")
+        allowed = types if isinstance(types, tuple) else (types,)
+        if key in cfg and not isinstance(cfg[key], allowed):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise ConfigError(f"{key}={_fmt(cfg[key])} has the wrong type: expected {names}")
+    if cfg.get("threads") is not None and cfg.threads < 1:
+        raise ConfigError(f"threads={cfg.threads} is not allowed: torch intra-op threads, >= 1 (or null: torch's default)")
     for group, options in SCHEMAS.items():
         if group not in cfg or cfg[group] is None:
             continue

@@ -24,6 +24,11 @@ it asks for the train loader, so a run resumed from a mid-epoch checkpoint sees 
 uninterrupted run would have seen. The train loader is a :class:`ResumableDataLoader` only so that
 Lightning knows the loader is taken care of (it does not warn that it is not resumable); its own
 ``state_dict`` is a marker.
+
+Multi-process training (ddp, ddp_spawn): each process's train loader takes its round-robin share of
+the one order (:class:`ShardedSampler`), so a step of W processes with ``batch_size`` B sees the same
+B·W examples as a step of one process with batch W·B, and the recorded position counts the samples
+of all processes.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 IGNORE_INDEX = -100
 
@@ -160,6 +165,35 @@ class ResumableRandomSampler(Sampler[int]):
             self.skip = 0
 
 
+class ShardedSampler(DistributedSampler):
+    """One process's share of a :class:`ResumableRandomSampler` in multi-process training.
+
+    The inner sampler's order is split round-robin (``order[rank::world]``, padded to equal
+    length like ``DistributedSampler``), so step k of the processes together sees the same
+    ``batch_size * world`` examples as step k of one process with that global batch; and the
+    inner sampler's ``skip`` counts samples of all processes, so a resumed run continues at the
+    same place. It is a ``DistributedSampler`` only so that Lightning does not wrap it in its own
+    (which would re-shuffle the positions with a seed of its own).
+    """
+
+    def __init__(self, inner: ResumableRandomSampler, rank: int, world: int):
+        super().__init__(range(len(inner)), num_replicas=world, rank=rank, shuffle=False, drop_last=False)
+        self.inner = inner
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(self.inner)
+        per_rank = math.ceil(len(order) / self.num_replicas)
+        order += order[: per_rank * self.num_replicas - len(order)]  # pad as DistributedSampler does
+        return iter(order[self.rank :: self.num_replicas])
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.inner) / self.num_replicas)
+
+
 class ResumableDataLoader(DataLoader):
     """A plain DataLoader that tells Lightning it is resumable; the datamodule restores the sampler.
 
@@ -280,7 +314,14 @@ class BaseDataModule(pl.LightningDataModule):
             sampler.load_state_dict(self._pending_sampler_state)
             self._pending_sampler_state = None
         self._train_sampler = sampler
+        world = self._world_size()
+        if world > 1:  # each process takes its share; Lightning leaves a DistributedSampler alone
+            return ResumableDataLoader(dataset, sampler=ShardedSampler(sampler, self.trainer.global_rank, world), **common)
         return ResumableDataLoader(dataset, sampler=sampler, **common)
+
+    def _world_size(self) -> int:
+        trainer = self.trainer
+        return int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, "train")
@@ -308,7 +349,8 @@ class BaseDataModule(pl.LightningDataModule):
                     epoch, batches = epoch + 1, 0
             except (AttributeError, TypeError):  # pragma: no cover - other Lightning versions
                 epoch, batches = sampler.epoch, math.ceil(sampler.yielded / self.batch_size)
-            return {"seed": sampler.seed, "epoch": epoch, "skip": batches * self.batch_size}
+            # every process consumed batch_size per step: skip counts the samples of all of them
+            return {"seed": sampler.seed, "epoch": epoch, "skip": batches * self.batch_size * self._world_size()}
         return sampler.state_dict()
 
     def state_dict(self) -> dict[str, Any]:

@@ -326,10 +326,17 @@ def analog_candidates(model: nn.Module) -> dict[str, dict[str, str]]:
                 out[n] = {"where": "param", "part": "weight"}
         return out
     mnames = [n for n, _ in model.named_modules()]
+    # A part marked "analog": False (HPD's digital factor, hardware/hpd.py) keeps its tensors
+    # digital, whatever other parts' globs match them.
+    digital = {
+        n for spec in parts.values() if spec.get("analog") is False for n in match_names(pnames, spec.get("targets", []))
+    }
     for part, spec in parts.items():
         kind, category, globs = spec.get("kind"), spec.get("category"), spec.get("targets", [])
+        if spec.get("analog") is False:
+            continue
         if kind == "param" and category == "weight":
-            for n in match_names(pnames, globs):
+            for n in match_names([p for p in pnames if p not in digital], globs):
                 if _is_crossbar_weight(model, n):
                     out.setdefault(n, {"where": "param", "part": part})
         elif part in SSM_MATRIX_PARTS and category == "ssm":
@@ -471,6 +478,18 @@ def _crossbar_channel_dim(module: nn.Module) -> int | tuple[int, ...]:
     return -1
 
 
+def _noise_reference(model: nn.Module, name: str, where: str, per_channel: bool):
+    """max|W| of the matrix a weight was decomposed from (HPD with ``noise_reference=original``):
+    the owner's buffer ``noise_reference_abs_max`` (per output row with ``per_channel`` when the
+    owner has ``noise_reference_abs_max_rows``); None when the weight's own max is the reference."""
+    if where != "param":
+        return None
+    owner, _ = _owner(model, name)
+    ref = getattr(owner, "noise_reference_abs_max", None)
+    rows = getattr(owner, "noise_reference_abs_max_rows", None)
+    return rows if per_channel and rows is not None and ref is not None else ref
+
+
 def _attach(
     model: nn.Module, profile: dict, analog: dict, level: float, t_inference: float, cls=NoiseHandle, **kw
 ):
@@ -491,7 +510,8 @@ def _attach(
                 entries.extend([(name, "input", dac), (name, "output", adc)])
 
             if kind == "gaussian":
-                attach(GaussianWeightNoise(level, profile["per_channel"]))
+                ref = _noise_reference(model, name, where, profile["per_channel"])
+                attach(GaussianWeightNoise(level, profile["per_channel"], reference=ref))
             elif kind == "multiplicative":
                 attach(MultiplicativeWeightNoise(level))
             elif kind == "drift":
@@ -513,7 +533,10 @@ def _attach(
                     read_noise_scale=level,
                     drift_noise_scale=level,
                 )
-                attach(PCMWeight(device, analog["tile_size"], profile["drift_compensation"], t_inference))
+                ref = _noise_reference(model, name, where, per_channel=False)
+                attach(
+                    PCMWeight(device, analog["tile_size"], profile["drift_compensation"], t_inference, reference=ref)
+                )
                 out_noise = profile["out_noise"] * level
                 if out_noise > 0 and where == "param" and _is_crossbar_weight(model, name):
                     owner, _ = _owner(model, name)

@@ -6,6 +6,13 @@ time-dependent draws, e.g. PCM read noise, change with ``t``). The model is pert
 through attached transforms, never copied, and the clean weights come back bit for bit after
 each chip.
 
+Speed, with the same numbers: each evaluation runs inside ``parametrize.cached()``, so a
+perturbed weight is computed once per evaluation rather than once per batch; and when the noisy
+tensors all sit in the last blocks and the head (e.g. ``analog.include=[backbone.layers.3.*,
+lm_head.*]``) and ``evaluate`` can reuse a prefix (:class:`cimssm.evaluation.ModelEvaluator`), the
+clean blocks in front of them run once per batch instead of once per chip and time
+(:func:`clean_prefix_stop`, ``forward_hidden`` in docs/architecture.md).
+
 Level 0 is deterministic for every kind (no random draw has any effect), so it is evaluated
 once per inference time and its result is written as K identical rows (chips 0..K-1, column
 ``replicated`` True for chips 1..K-1): every (level, t) has K rows and summaries need no
@@ -16,14 +23,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 from torch import nn
+from torch.nn.utils import parametrize
 
-from cimssm.hardware.analog import apply_noise, build_noise_profile
+from cimssm.hardware.analog import _profile_targets, apply_noise, build_analog_config, build_noise_profile
 from cimssm.hardware.noise import chip_seed
 
-__all__ = ["chip_seed", "monte_carlo_eval", "summarize_rows", "ID_COLUMNS"]
+__all__ = ["chip_seed", "clean_prefix_stop", "monte_carlo_eval", "summarize_rows", "ID_COLUMNS"]
 
 ID_COLUMNS = ("profile", "kind", "level", "t_inference", "chip", "seed", "status", "replicated")
 
@@ -52,6 +61,23 @@ def _progress(enabled: bool):
     )
 
 
+def clean_prefix_stop(model: nn.Module, profile: Mapping, analog: Mapping | None) -> int:
+    """How many leading blocks of ``model`` no tensor of ``profile`` touches (0: none to reuse).
+
+    Blocks are counted as in ``model.forward_hidden`` / ``model.layer_of`` (docs/architecture.md):
+    the result is the block of the first noisy tensor (``n_layer`` when only the head is noisy);
+    0 when the input layer is noisy, nothing is, or the model has no ``forward_hidden``.
+    """
+    layer_of = getattr(model, "layer_of", None)
+    if not callable(layer_of) or not callable(getattr(model, "forward_hidden", None)):
+        return 0
+    prof = build_noise_profile(profile)
+    if prof["kind"] == "none":
+        return 0
+    names = [name for name, _ in _profile_targets(model, prof, build_analog_config(analog))]
+    return max(0, min((layer_of(n) for n in names), default=0))
+
+
 def monte_carlo_eval(
     model: nn.Module,
     evaluate: Callable[[nn.Module], Mapping[str, float]],
@@ -63,6 +89,9 @@ def monte_carlo_eval(
     t_inference: Sequence[float] | None = None,
     progress: bool = True,
     profile_name: str | None = None,
+    reuse_prefix: bool = True,
+    shard: tuple[int, int] = (0, 1),
+    gather: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate ``model`` on K chips per level and every inference time; returns one row per eval.
 
@@ -72,6 +101,13 @@ def monte_carlo_eval(
     ``replicated`` (a copy of the level-0 evaluation), then the metrics ``evaluate`` returned.
     ``evaluate(model)`` runs the forwards (it owns ``eval()`` / ``no_grad``); per-forward draws
     are keyed by (chip seed, t, forward index), so reruns with the same seed give identical rows.
+    With ``reuse_prefix`` and an ``evaluate`` that has ``reuse_prefix(model, stop)`` (a context
+    manager, :class:`cimssm.evaluation.ModelEvaluator`), the clean blocks in front of the first
+    noisy one are computed once for all chips; the rows are the same either way.
+    ``shard=(index, count)`` evaluates only every count-th (level, chip) job starting at index
+    (multi-process: ``(rank, world_size)``); ``gather(rows)`` returns the rows of all shards
+    (e.g. an all-gather), which are then sorted as one run's: the same rows as unsharded, since
+    every draw is keyed by the chip seed, never by which process evaluates it.
     """
     prof = build_noise_profile(profile)
     name = profile_name or prof["name"]
@@ -84,13 +120,21 @@ def monte_carlo_eval(
         levels = [0.0]
 
     rows: list[dict[str, Any]] = []
-    total = sum(1 if float(lv) == 0.0 else chips for lv in levels)
-    with _progress(progress) as bar:
+    index, count = shard
+    total = len(range(index, sum(1 if float(lv) == 0.0 else chips for lv in levels), count))
+    job = -1
+    stop = clean_prefix_stop(model, prof, analog) if reuse_prefix else 0
+    reuse = getattr(evaluate, "reuse_prefix", None)
+    prefix = reuse(model, stop) if stop > 0 and callable(reuse) else nullcontext()
+    with prefix, _progress(progress) as bar:
         task = bar.add_task(f"{name}", total=total)
         for level in levels:
             level = float(level)
             n_eval = 1 if level == 0.0 else chips
             for chip in range(n_eval):
+                job += 1
+                if job % count != index:  # another process evaluates this one
+                    continue
                 bar.update(task, description=f"{name} level={level:g} chip={chip + 1}/{n_eval}")
                 cs = chip_seed(seed, name, level, chip)
                 with apply_noise(
@@ -98,7 +142,8 @@ def monte_carlo_eval(
                 ) as handle:
                     for t in times:
                         handle.set_time(t)
-                        metrics = {k: float(v) for k, v in dict(evaluate(model)).items()}
+                        with parametrize.cached():  # each perturbed weight once per evaluation
+                            metrics = {k: float(v) for k, v in dict(evaluate(model)).items()}
                         status = "nan" if any(math.isnan(v) for v in metrics.values()) else "ok"
                         row = {
                             "profile": name,
@@ -115,6 +160,8 @@ def monte_carlo_eval(
                         if level == 0.0:
                             rows.extend({**row, "chip": c, "replicated": True} for c in range(1, chips))
                 bar.advance(task)
+    if gather is not None:
+        rows = gather(rows)
     # rows in (level, t, chip) order
     order = {(lv, t): i for i, (lv, t) in enumerate((float(lv), float(t)) for lv in levels for t in times)}
     rows.sort(key=lambda r: (order[(r["level"], r["t_inference"])], r["chip"]))

@@ -208,20 +208,30 @@ class GaussianWeightNoise(NoiseTransform):
 
     ``W' = W + level · max|W| · ε``, ε ~ N(0, 1) per element; max|W| of the whole tensor or, with
     ``per_channel``, of each output channel (dim 0). Profile ``gauss_Xpct``: level = X / 100.
+    ``reference`` (a scalar or a per-row (out, 1) tensor) replaces max|W|: HPD's factor noise
+    relative to the original matrix (hardware/hpd.py, ``noise_reference=original``).
     """
 
     draw_names = ("eps",)
 
-    def __init__(self, level: float, per_channel: bool = False) -> None:
+    def __init__(self, level: float, per_channel: bool = False, reference: torch.Tensor | None = None) -> None:
         super().__init__()
         self.level = float(level)
         self.per_channel = bool(per_channel)
+        ref = None if reference is None else torch.as_tensor(reference).detach().clone()
+        self.register_buffer("reference", ref, persistent=False)
+
+    def noise_scale(self, w: torch.Tensor) -> torch.Tensor:
+        """The std per unit ``level``: ``reference`` when set, else max|W| (per tensor / channel)."""
+        if self.reference is not None:
+            return self.reference.to(device=w.device, dtype=w.dtype)
+        return abs_max(w, self.per_channel)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.level == 0.0:
             return w
         eps = self.normal("eps", w.shape, w)
-        return w + self.level * abs_max(w, self.per_channel) * eps
+        return w + self.level * self.noise_scale(w) * eps
 
 
 class MultiplicativeWeightNoise(NoiseTransform):

@@ -167,9 +167,12 @@ class PCMWeight(NoiseTransform):
         tile_size: int | None = 512,
         drift_compensation: bool = True,
         t_inference: float = 0.0,
+        reference: torch.Tensor | float | None = None,
     ) -> None:
         super().__init__()
         self.noise_model = noise_model if noise_model is not None else PCMLikeNoiseModel()
+        # HPD noise_reference=original: g_max maps to max(max|W| of the original matrix, max|W_tile|)
+        self.reference = None if reference is None else float(reference)
         self.tile_size = tile_size
         self.drift_compensation = bool(drift_compensation)
         self.t_inference = float(t_inference)
@@ -183,11 +186,14 @@ class PCMWeight(NoiseTransform):
         return out
 
     def tile_scale(self, w2: torch.Tensor) -> torch.Tensor:
-        """g_max / max|W_tile| for every element of the matrix ``w2`` (1 for an all-zero tile)."""
+        """g_max / max|W_tile| for every element of the matrix ``w2`` (1 for an all-zero tile);
+        with ``reference``, g_max / max(max|W_tile|, reference)."""
         g_max = self.noise_model.g_max
 
         def scale(r, c):
             m = w2[r, c].abs().amax()
+            if self.reference is not None:
+                m = m.clamp_min(self.reference)
             return torch.where(m > 0, g_max / m.clamp_min(1e-30), torch.ones_like(m))
 
         return self._per_tile(w2, scale)

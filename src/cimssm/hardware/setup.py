@@ -82,7 +82,29 @@ def attach_training_hardware(net: nn.Module, cfg: DictConfig) -> list[str]:
         attached += attach_quantizers(net, cfg.quant)
     if cfg.noise.kind != "none" or cfg.noise.train:
         check_noise(net, cfg)
+    if cfg.get("decomp") is not None:
+        check_decomp(net, cfg.decomp)  # a bad HPD target or rank stops the run before training
     return attached
+
+
+def check_decomp(net: nn.Module, decomp: Mapping | DictConfig | None) -> list[str]:
+    """Validate the ``decomp`` section on this model (target exists, rank fits); its targets."""
+    from cimssm.hardware.hpd import HPDConfigError, check_decomposition
+
+    try:
+        return check_decomposition(net, _plain(decomp) or {})
+    except HPDConfigError as err:
+        raise _as_config_error(err) from err
+
+
+def apply_decomp(net: nn.Module, decomp: Mapping | DictConfig | None) -> list[str]:
+    """Decompose the layers ``decomp`` selects (after training / checkpoint load and PTQ)."""
+    from cimssm.hardware.hpd import HPDConfigError, apply_decomposition
+
+    try:
+        return apply_decomposition(net, _plain(decomp) or {})
+    except HPDConfigError as err:
+        raise _as_config_error(err) from err
 
 
 def check_noise(net: nn.Module, cfg: DictConfig) -> None:

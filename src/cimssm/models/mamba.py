@@ -491,11 +491,37 @@ class MambaModel(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        features = self.backbone(x)  # (B, L, D)
+        return self.forward_hidden(x)
+
+    def forward_hidden(self, x: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+        """Run the model from block ``start`` up to block ``stop`` (docs/architecture.md).
+
+        ``start = 0``: x is the model input and the input layer runs first; ``start = i > 0``: x is
+        the hidden state (B, L, D) entering block i. ``stop = None``: ``norm_f`` and the head
+        (``lm_head``, or pooling and ``classifier``) run last and forward's output is returned;
+        ``stop = j``: the hidden state entering block j (B, L, D). So
+        ``forward_hidden(forward_hidden(x, 0, j), j) == forward(x)``.
+        """
+        hidden_states = self.backbone.embed(x) if start == 0 else x  # (B, L, D)
+        for layer in self.backbone.layers[start:stop]:
+            hidden_states = layer(hidden_states)
+        if stop is not None:
+            return hidden_states
+        features = self.backbone.norm_f(hidden_states)  # (B, L, D)
         if self.task == "lm":
             return self.lm_head(features)  # (B, L, n_out)
         pooled = features.mean(dim=1) if self.pool == "mean" else features[:, -1]  # (B, D)
         return self.classifier(pooled)  # (B, n_classes)
+
+    def layer_of(self, name: str) -> int:
+        """Where a parameter or module name sits: -1 the input layer, i block i, n_layer the output
+        head (``backbone.norm_f``, ``lm_head``, ``classifier``); -1 too for a name it does not know."""
+        parts = name.split(".")
+        if parts[:2] == ["backbone", "layers"] and len(parts) > 2 and parts[2].isdigit():
+            return int(parts[2])
+        if parts[0] in ("lm_head", "classifier") or parts[:2] == ["backbone", "norm_f"]:
+            return self.n_layer
+        return -1
 
     def allocate_state(self, batch_size: int) -> list[MambaCache]:
         return [layer.mixer.allocate_inference_cache(batch_size) for layer in self.backbone.layers]

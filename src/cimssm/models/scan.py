@@ -206,6 +206,9 @@ class SelectiveScanFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y):  # noqa: D102
         x, delta, A, B_t, C_t, u_t, D, checkpoints = ctx.saved_tensors
+        # Contiguous in eager mode already; torch.compile may hand them back in another layout,
+        # and the per-chunk ``view``s below need the (L, B, ·) one.
+        B_t, C_t, u_t, checkpoints = (t.contiguous() for t in (B_t, C_t, u_t, checkpoints))
         T = ctx.chunk
         batch, length, d_inner = x.shape
         d_state = A.shape[1]
@@ -272,6 +275,9 @@ class SelectiveScanFn(torch.autograd.Function):
         return grad_x, grad_delta, g_A_t.t(), g_B.transpose(0, 1), g_C.transpose(0, 1), grad_D, None
 
 
+# torch.compile runs this as it is (a graph break) and compiles around it: tracing the chunk loop
+# would unroll L steps into the graph, and inductor re-lays out the saved time-major tensors.
+@torch.compiler.disable
 def selective_scan(
     x: Tensor,
     delta: Tensor,
