@@ -322,7 +322,7 @@ def sweep_axes(df: pd.DataFrame, exclude: Iterable[str] = ("seed",)) -> list[str
 def independent_axes(df: pd.DataFrame, exclude: Iterable[str] = ("seed",)) -> list[str]:
     """The sweep axes minus those another axis determines (``quant.weight_bits`` given ``quant``)."""
     kept: list[str] = []
-    labels = df.astype(str)
+    labels = df.astype(object).where(df.notna(), "null").astype(str)
     for c in sweep_axes(df, exclude):
         if not any((labels.groupby(k)[c].nunique() <= 1).all() for k in kept):
             kept.append(c)

@@ -68,7 +68,7 @@ def _groups(df: pd.DataFrame, keys: list[str]):
     if not keys:
         yield "", df
         return
-    labels = df[keys].astype(str)
+    labels = df[keys].astype(object).where(df[keys].notna(), "null").astype(str)
     for values, idx in labels.groupby(keys, sort=True).groups.items():
         yield _label(keys, values), df.loc[idx]
 
@@ -188,7 +188,7 @@ def plot_metric_vs_ace(
     point_keys = [a for a in axes if a not in keys]
     for label, sub in _groups(data, keys) if len(data) else ():
         pts = (
-            sub.assign(_point=sub[point_keys].astype(str).agg(", ".join, axis=1) if point_keys else "")
+            sub.assign(_point=sub[point_keys].astype(object).where(sub[point_keys].notna(), "null").astype(str).agg(", ".join, axis=1) if point_keys else "")
             .groupby("_point", sort=False)
             .agg(
                 ace=("cost/ace", "mean"),
