@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh clone: `make demo` and `make test`.
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench clean data
 
 setup:
 	bash scripts/setup.sh
@@ -25,3 +25,7 @@ bench: setup
 
 clean:
 	rm -rf outputs .pytest_cache
+
+# Fashion-MNIST for data=smnist and the QS4D studies (Debian package; needs root).
+data:
+	apt-get install -y dataset-fashion-mnist
