@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cimssm.models.common import POOLS as _POOLS
+from cimssm.models.common import TASKS as _TASKS
+from cimssm.models.common import has_hooks as _has_hooks
 from cimssm.models.scan import (
     DEFAULT_CHUNK_SIZE,
     selective_scan,
@@ -38,23 +41,12 @@ from cimssm.models.scan import (
 _LOG2_E = 1.0 / math.log(2.0)
 MambaCache = tuple[Tensor, Tensor]  # (conv_state (B, E, d_conv), ssm_state (B, E, N))
 
-_TASKS = ("lm", "classification")
-_POOLS = ("mean", "last")
 
 
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(
-        module._forward_pre_hooks
-        or module._forward_hooks
-        or nn.modules.module._global_forward_pre_hooks
-        or nn.modules.module._global_forward_hooks
-    )
 
 
 def _call_tap(tap: nn.Module, t: Tensor) -> Tensor:

@@ -45,22 +45,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-_TASKS = ("lm", "classification")
-_POOLS = ("mean", "last")
+from cimssm.models.common import POOLS as _POOLS
+from cimssm.models.common import TASKS as _TASKS
+from cimssm.models.common import has_hooks as _has_hooks
 
 
 def _check(ok: bool, name: str, allowed: str, value) -> None:
     if not ok:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(
-        module._forward_pre_hooks
-        or module._forward_hooks
-        or nn.modules.module._global_forward_pre_hooks
-        or nn.modules.module._global_forward_hooks
-    )
 
 
 def fft_length(n: int) -> int:
