@@ -15,17 +15,6 @@ from cimssm.evaluation import noise_evaluation
 log = logging.getLogger("cimssm")
 
 
-def load_best_weights(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
-    """Load the best checkpoint's weights into ``pl_module`` (weights_only); returns its path."""
-    cb = trainer.checkpoint_callback
-    path = getattr(cb, "best_model_path", "") if cb is not None else ""
-    if not path or not Path(path).is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    pl_module.load_state_dict(state)
-    return path
-
-
 def summary_metrics(summary: list[dict[str, Any]], metric: str, prefix: str = "noise") -> dict[str, float]:
     """``{prefix}/{m}@{level}[_t{t}]_mean`` and ``_std`` per summary row (e.g. ``noise/acc@0.01_mean``)
     for ``metric`` and accuracy (every task has one): the keys a sweeper can optimize."""

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from cimssm.callbacks.noise_eval import load_best_weights
+from cimssm.checkpoints import load_checkpoint, load_weights
 from cimssm.hardware.setup import calibrate_ptq
 
 log = logging.getLogger("cimssm")
+
+
+def load_best_weights(trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
+    """Load the best checkpoint's weights into ``pl_module`` (weights_only); returns its path."""
+    cb = trainer.checkpoint_callback
+    path = getattr(cb, "best_model_path", "") if cb is not None else ""
+    if not path or not Path(path).is_file():
+        return None
+    load_weights(pl_module, load_checkpoint(path)["state_dict"], path)
+    return path
 
 
 class TrainingNoiseCallback(Callback):
