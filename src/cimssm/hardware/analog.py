@@ -41,6 +41,7 @@ from cimssm.hardware.core import (
     detach_transforms,
     match_names,
     param_names,
+    to_plain,
 )
 from cimssm.hardware.noise import (
     ADCQuantization,
@@ -118,15 +119,6 @@ _DEFAULT_T = {"pcm": [86400.0], "drift": [86400.0]}
 
 
 # ------------------------------------------------------------------------------------ validation
-def _plain(x):
-    """OmegaConf containers (or any mapping / sequence) to plain dicts and lists."""
-    if isinstance(x, Mapping):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, Sequence) and not isinstance(x, str | bytes):
-        return [_plain(v) for v in x]
-    return x
-
-
 def _fail(key: str, value, allowed: str):
     raise NoiseConfigError(f"{key}={value!r} is not allowed: {allowed}")
 
@@ -180,7 +172,7 @@ def _bits(key: str, value) -> int | None:
 def build_analog_config(analog: Mapping | None = None) -> dict[str, Any]:
     """Validate the ``analog`` section and fill defaults (``None`` = all defaults)."""
     cfg = dict(DEFAULT_ANALOG)
-    given = _plain(analog) if analog is not None else {}
+    given = to_plain(analog) if analog is not None else {}
     if not isinstance(given, dict):
         _fail("analog", analog, "a mapping with keys include, exclude, tile_size")
     for key, value in given.items():
@@ -222,7 +214,7 @@ def build_noise_profile(cfg: Mapping | None) -> dict[str, Any]:
     Keys of another kind are accepted only with value null. Errors are :class:`NoiseConfigError`
     naming the key, the value and what is allowed.
     """
-    given = _plain(cfg) if cfg is not None else {}
+    given = to_plain(cfg) if cfg is not None else {}
     if not isinstance(given, dict):
         _fail("noise", cfg, "a mapping (the noise profile)")
     params = given.pop("params", None) or {}

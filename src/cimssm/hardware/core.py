@@ -7,8 +7,9 @@ model only through the three functions here, so they compose in the order they a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from fnmatch import fnmatchcase
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +27,15 @@ class TransformChain(nn.Module):
         for t in self.transforms:
             x = t(x)
         return x
+
+
+def to_plain(x: Any) -> Any:
+    """Config containers (OmegaConf included: any mapping / sequence) to plain dicts and lists."""
+    if isinstance(x, Mapping):
+        return {str(k): to_plain(v) for k, v in x.items()}
+    if isinstance(x, Sequence) and not isinstance(x, str | bytes):
+        return [to_plain(v) for v in x]
+    return x
 
 
 def match_names(names: Iterable[str], globs: Iterable[str], exclude: Iterable[str] = ()) -> list[str]:

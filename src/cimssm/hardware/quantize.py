@@ -41,6 +41,7 @@ from cimssm.hardware.core import (
     iter_transforms,
     match_names,
     param_names,
+    to_plain,
 )
 from cimssm.hardware.quantizers import (
     GRANULARITIES,
@@ -55,13 +56,6 @@ from cimssm.hardware.quantizers import (
 MODES = ("qat", "ptq")
 CATEGORY_KEYS = {"weight": "weight_bits", "act": "act_bits", "ssm": "ssm_bits"}
 PART_KEYS = ("bits", "levels", "symmetric", "granularity", "scale", "ch_axis")
-
-
-def _plain(obj: Any) -> Any:
-    """Mappings (OmegaConf DictConfig included) to dicts, recursively."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    return obj
 
 
 @dataclass
@@ -102,7 +96,7 @@ class QuantSpec:
             )
         if not isinstance(self.momentum, int | float) or not 0.0 < self.momentum <= 1.0:
             raise QuantConfigError(f"quant.momentum must be in (0, 1], got {self.momentum!r}")
-        parts = _plain(self.parts or {})
+        parts = to_plain(self.parts or {})
         if not isinstance(parts, dict):
             raise QuantConfigError(f"quant.parts must be a mapping NAME -> settings, got {self.parts!r}")
         for name, settings in parts.items():
@@ -149,7 +143,7 @@ class QuantSpec:
         """Read a spec from a mapping (unknown keys raise QuantConfigError); None is all float."""
         if isinstance(d, QuantSpec):
             return d
-        d = _plain(d or {})
+        d = to_plain(d or {})
         if not isinstance(d, dict):
             raise QuantConfigError(f"a quant spec must be a mapping, got {type(d).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
